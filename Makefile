@@ -5,13 +5,25 @@ PY := $(VENV)/bin/python
 MODEL_DIR ?= model
 export MODEL_DIR
 
-.PHONY: run test model clean
+.PHONY: run test model clean experiment bench e2e
 
 run: $(VENV)/.runtime model
 	$(PY) server.py
 
 test: $(VENV)/.dev model
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The scaling experiment (README, Experiment): local pods in cgroups, about 20 min per pod count.
+experiment: $(VENV)/.dev model
+	$(PY) -m experiment.run $(EXPERIMENT_ARGS)
+
+# The performance figures (README, Performance): about 6 minutes.
+bench: $(VENV)/.dev model
+	$(PY) -m bench.bench $(BENCH_ARGS)
+
+# Build the image and run the Deployment under podman (README, Deploy): root, a few minutes.
+e2e: $(VENV)/.dev
+	PY=$(PY) bash scripts/e2e.sh
 
 model: $(VENV)/.runtime
 	$(PY) model/fetch.py
