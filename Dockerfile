@@ -25,6 +25,8 @@ RUN pip install --no-cache-dir --root-user-action=ignore -r requirements.txt
 COPY --from=model /model/ model/
 COPY server.py .
 COPY static/ static/
+# Served at GET /openapi.yaml.
+COPY openapi.yaml .
 # Add further runtime files here as they land (and allow them in .dockerignore).
 # A numeric user, so Kubernetes can verify runAsNonRoot without /etc/passwd.
 USER 10001

@@ -19,11 +19,14 @@ import base64
 import binascii
 import collections
 import contextlib
+import hmac
+import io
 import json
 import logging
 import math
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -45,6 +48,7 @@ HERE = Path(__file__).resolve().parent
 MODEL_NAME = "yolov3-tiny"
 INPUT_SIZE = 416  # the network's square input, from yolov3-tiny.cfg
 MAX_ID_LENGTH = 1024
+WAITER_CHECK_SECONDS = 1  # how often a queued request checks that its client is still there
 
 log = logging.getLogger("podlens")
 
@@ -292,24 +296,52 @@ class FifoGate:
     timeout. Here a released slot is handed straight to the oldest waiter.
     """
 
-    def __init__(self, slots):
+    def __init__(self, slots, max_waiting):
         self._lock = threading.Lock()
         self._free = slots
         self._waiters = collections.deque()
+        self.max_waiting = max_waiting
 
-    def __enter__(self):
+    @contextlib.contextmanager
+    def slot(self, abandoned):
+        """Hold a slot; a waiter whose `abandoned()` turns true leaves the queue.
+
+        A full queue answers 503 at once: a client told to retry does better
+        than one that times out after waiting behind hundreds of others.
+        """
+        self._acquire(abandoned)
+        try:
+            yield
+        finally:
+            self._release()
+
+    def _acquire(self, abandoned):
         with self._lock:
             if self._free and not self._waiters:
                 self._free -= 1
-                return self
+                return
+            if len(self._waiters) >= self.max_waiting:
+                raise unavailable(f"{self.max_waiting} requests are already waiting; retry shortly")
             turn = threading.Event()
             self._waiters.append(turn)
-            WAITING.inc()
-        turn.wait()
-        WAITING.dec()
-        return self
+        WAITING.inc()
+        try:
+            # Wake now and then to see whether the client is still there: work
+            # for a client that hung up would only delay everyone behind it.
+            while not turn.wait(WAITER_CHECK_SECONDS):
+                if abandoned() and self._leave(turn):
+                    raise ConnectionAbortedError("the client hung up while waiting for the model")
+        finally:
+            WAITING.dec()
 
-    def __exit__(self, *exc_info):
+    def _leave(self, turn):
+        with self._lock:
+            if turn.is_set():  # handed a slot meanwhile: the work goes ahead and releases it
+                return False
+            self._waiters.remove(turn)
+            return True
+
+    def _release(self):
         with self._lock:
             if self._waiters:
                 self._waiters.popleft().set()
@@ -345,6 +377,46 @@ class ByteBudget:
 # --- HTTP -----------------------------------------------------------------------------
 
 
+class DeadlineReader(io.RawIOBase):
+    """A socket's reads, bounded together by one deadline rather than each by a fresh timeout.
+
+    A socket timeout bounds each recv alone: a client that sends a byte a
+    second never trips it, and holds a thread for as long as it likes.
+
+    While `idle` (waiting for the next request on a kept-alive connection) it
+    wakes every second, and hangs up once `draining()`: the connection has
+    been idle that long, so no request is on its way to race the hang-up.
+    """
+
+    def __init__(self, sock, draining):
+        self.sock = sock
+        self.draining = draining
+        self.deadline = None  # time.monotonic() value; set before each read
+        self.idle = False
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        timeout = self.sock.gettimeout()  # the one writes use
+        try:
+            while True:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("the client took too long to send")
+                self.sock.settimeout(min(remaining, 1) if self.idle else remaining)
+                try:
+                    count = self.sock.recv_into(buffer)
+                except TimeoutError:
+                    if self.idle and self.draining():
+                        raise
+                    continue
+                self.idle = False
+                return count
+        finally:
+            self.sock.settimeout(timeout)
+
+
 @dataclass
 class DetectionRequest:
     id: str
@@ -369,7 +441,7 @@ def parse_json_request(body):
         raise HTTPError(HTTPStatus.BAD_REQUEST, "body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise HTTPError(HTTPStatus.BAD_REQUEST, 'body must be a JSON object {"id": ..., "image": ...}')
-    request_id = required_string(payload, "id")
+    request_id = checked_id(required_string(payload, "id"))
     image = DATA_URI.sub("", required_string(payload, "image"), count=1)
     try:
         data = base64.b64decode("".join(image.split()), validate=True)
@@ -384,8 +456,13 @@ def required_string(payload, name):
         raise HTTPError(HTTPStatus.BAD_REQUEST, f'missing field "{name}"')
     if not isinstance(value, str):
         raise HTTPError(HTTPStatus.BAD_REQUEST, f'field "{name}" must be a string')
-    if name == "id" and len(value) > MAX_ID_LENGTH:
-        raise HTTPError(HTTPStatus.BAD_REQUEST, f'field "id" is longer than {MAX_ID_LENGTH} characters')
+    return value
+
+
+def checked_id(value):
+    """The id is echoed and logged: bounded, from JSON and query alike."""
+    if len(value) > MAX_ID_LENGTH:
+        raise HTTPError(HTTPStatus.BAD_REQUEST, f'"id" is longer than {MAX_ID_LENGTH} characters')
     return value
 
 
@@ -412,6 +489,7 @@ class DetectionHandler(BaseHTTPRequestHandler):
         "/healthz": {"GET": "send_health"},
         "/readyz": {"GET": "send_readiness"},
         "/metrics": {"GET": "send_metrics"},
+        "/openapi.yaml": {"GET": "send_openapi"},
         "/api/model": {"GET": "send_model"},
         "/api/object_detection": {"POST": "detect_objects"},
     }
@@ -421,11 +499,21 @@ class DetectionHandler(BaseHTTPRequestHandler):
         """Socket timeout, read by StreamRequestHandler.setup: a silent client cannot hold a thread."""
         return self.server.config.timeout
 
+    def setup(self):
+        super().setup()
+        self.rfile.close()  # replaced by a reader whose reads share one deadline
+        self.reader = DeadlineReader(self.connection, lambda: self.server.draining)
+        self.rfile = io.BufferedReader(self.reader)
+
     def handle_one_request(self):
         self.started = None
         self.status = None
         self.request_id = "-"
         self.body_unread = True
+        # The wait for the next request and its whole head (request line and
+        # headers) share one timeout; http.server's own time out ends the connection.
+        self.reader.deadline = time.monotonic() + self.timeout
+        self.reader.idle = True
         super().handle_one_request()
         if self.status is not None:
             self.log_access()
@@ -438,10 +526,12 @@ class DetectionHandler(BaseHTTPRequestHandler):
         path = urlsplit(self.path).path
         methods = self.routes.get(path) or ({"GET": "send_static"} if path.startswith("/static/") else None)
         route_label = path if path in self.routes else "/static" if methods else "other"
-        self.server.begin_request()
+        IN_FLIGHT.inc()
         try:
             if methods is None:
                 raise HTTPError(HTTPStatus.NOT_FOUND, f"no such path: {path}")
+            if path.startswith("/api/"):
+                self.check_token()
             method = "GET" if self.command == "HEAD" else self.command
             if method not in methods:
                 allow = ", ".join(sorted({*methods, "HEAD"} if "GET" in methods else methods))
@@ -456,12 +546,19 @@ class DetectionHandler(BaseHTTPRequestHandler):
             log.error("internal error on %s %s: %s", self.command, path, type(error).__name__)
             self.send_error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
         finally:
-            self.server.end_request()
+            IN_FLIGHT.dec()
             elapsed = time.perf_counter() - self.started
             REQUESTS.labels(route_label, str(self.status)).inc()
             REQUEST_SECONDS.labels(route_label).observe(elapsed)
 
-    do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = route
+    def __getattr__(self, name):
+        """Every method, even an unknown one, is routed: one a path does not serve is a 405 with Allow.
+
+        http.server looks up do_<METHOD> and answers 501 for a method without one.
+        """
+        if name.startswith("do_"):
+            return self.route
+        raise AttributeError(name)
 
     # --- endpoints
 
@@ -478,6 +575,9 @@ class DetectionHandler(BaseHTTPRequestHandler):
 
     def send_metrics(self):
         self.send_body(HTTPStatus.OK, prom.CONTENT_TYPE_LATEST, prom.generate_latest())
+
+    def send_openapi(self):
+        self.send_body(HTTPStatus.OK, "application/yaml", (HERE / "openapi.yaml").read_bytes())
 
     def send_index(self):
         self.send_file("index.html")
@@ -505,7 +605,7 @@ class DetectionHandler(BaseHTTPRequestHandler):
             self.request_id = request.id
             header = check_image(request.image, self.server.config.max_pixels)  # refuse before queueing
             annotated = query.get("annotate", ["0"])[-1] in ("1", "true", "yes")
-            with self.server.pipeline:
+            with self.server.pipeline.slot(self.client_gone):
                 image, size = decode_image(request.image, header=header, reduce=not annotated)
                 objects = detector.detect(image, size, request.confidence, request.nms)
         if annotated:
@@ -514,11 +614,38 @@ class DetectionHandler(BaseHTTPRequestHandler):
         else:
             self.send_json(HTTPStatus.OK, {"id": request.id, "objects": objects})
 
+    def client_gone(self):
+        """True once the client hung up: its socket polls readable and reads end-of-file (or fails).
+
+        poll() with no wait, not select(): file descriptors past 1024 are
+        routine with a thousand connections.
+        """
+        poller = select.poll()
+        poller.register(self.connection, select.POLLIN)
+        if not poller.poll(0):
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def check_token(self):
+        """With --api-token, the API needs `Authorization: Bearer <token>`; probes and the page do not."""
+        token = self.server.config.api_token
+        if not token:
+            return
+        # compare_digest takes as long wherever the first wrong byte is: no timing oracle.
+        given = self.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {token}".encode()):
+            raise HTTPError(HTTPStatus.UNAUTHORIZED, "send Authorization: Bearer <token>",
+                            [("WWW-Authenticate", "Bearer")])
+
     # --- request bodies
 
     def require_detector(self):
-        if not self.server.ready.is_set():
-            raise unavailable("draining" if self.server.draining else "model is loading")
+        """The model once warmed up; still there while draining, for requests already on their way."""
+        if self.server.detector is None:
+            raise unavailable("model is loading")
         return self.server.detector
 
     def detection_content_type(self):
@@ -533,7 +660,7 @@ class DetectionHandler(BaseHTTPRequestHandler):
         """Read and parse the body; only the image bytes outlive this call."""
         body = self.read_exactly(length)
         if content_type in IMAGE_TYPES:
-            return DetectionRequest(query.get("id", [str(uuid.uuid4())])[-1], body)
+            return DetectionRequest(checked_id(query.get("id", [str(uuid.uuid4())])[-1]), body)
         return parse_json_request(body)
 
     def content_length(self):
@@ -553,11 +680,9 @@ class DetectionHandler(BaseHTTPRequestHandler):
     def read_exactly(self, length):
         """Read the body within one timeout in all, so a trickle cannot hold a thread."""
         body = bytearray()
-        deadline = time.monotonic() + self.server.config.timeout
+        self.reader.deadline = time.monotonic() + self.timeout
         try:
             while len(body) < length:
-                if time.monotonic() > deadline:
-                    raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "request body took too long to arrive")
                 chunk = self.rfile.read1(min(length - len(body), 1 << 16))
                 if not chunk:
                     raise HTTPError(HTTPStatus.BAD_REQUEST, "body ended before Content-Length bytes")
@@ -631,18 +756,18 @@ class DetectionServer(ThreadingHTTPServer):
         self.failed = False
         # Two slots: one image decodes while the other is in the network,
         # and at most two decoded images exist at once, whatever the queue.
-        self.pipeline = FifoGate(2)
+        self.pipeline = FifoGate(2, config.max_waiting)
         self.body_budget = ByteBudget(config.max_buffered_bytes)
         self._connections = 0
-        self._in_flight = 0
         self._counts = threading.Condition()
 
     def load_model(self):
         """Runs beside serve_forever, so /healthz answers while the model loads."""
         try:
-            self.detector = Detector(self.config.model_dir, self.config.threads, self.config.confidence,
-                                     self.config.nms, self.config.winograd)
-            self.detector.warm_up()
+            detector = Detector(self.config.model_dir, self.config.threads, self.config.confidence,
+                                self.config.nms, self.config.winograd)
+            detector.warm_up()
+            self.detector = detector
         except (cv2.error, OSError) as error:
             log.error("cannot load the model from %s (%s); run `make model` or set MODEL_DIR",
                       self.config.model_dir, str(error).strip().splitlines()[-1])
@@ -681,16 +806,6 @@ class DetectionServer(ThreadingHTTPServer):
         super().shutdown_request(request)
         with self._counts:
             self._connections -= 1
-
-    def begin_request(self):
-        with self._counts:
-            self._in_flight += 1
-        IN_FLIGHT.inc()
-
-    def end_request(self):
-        IN_FLIGHT.dec()
-        with self._counts:
-            self._in_flight -= 1
             self._counts.notify_all()
 
     def start_draining(self):
@@ -699,35 +814,69 @@ class DetectionServer(ThreadingHTTPServer):
         self.ready.clear()
         threading.Thread(target=self.shutdown, daemon=True).start()
 
-    def wait_for_in_flight(self, timeout):
+    def server_close(self):
+        """Take what the listen backlog holds, then close the listener.
+
+        With SO_REUSEPORT the kernel routed those connections to this
+        process alone: closing with them queued would reset them.
+        """
+        self.socket.setblocking(False)
+        while True:
+            try:
+                request, client_address = self.socket.accept()
+            except OSError:  # BlockingIOError: the backlog is empty
+                break
+            self.process_request(request, client_address)
+        super().server_close()
+
+    def wait_for_connections(self, timeout):
+        """Every connection ends after an answer with `Connection: close`, or after a second idle.
+
+        Waiting for requests in flight alone would leave a kept-alive
+        connection whose client is sending its next request: exiting then
+        would fail that request.
+        """
         with self._counts:
-            return self._counts.wait_for(lambda: self._in_flight == 0, timeout)
+            return self._counts.wait_for(lambda: self._connections == 0, timeout)
 
 
 # --- Configuration ----------------------------------------------------------------------
 
 
 def cpu_limit():
-    """CPUs this process may use: its cgroup's CPU quota (v2 or v1), else its CPU affinity."""
+    """CPUs this process may use: its cgroup's CPU quota (v2 or v1), else its CPU affinity.
+
+    Each cgroup is looked for at its path from /proc/self/cgroup and at the
+    mount's root: inside a container on a cgroup v1 host the path is the
+    host's, while the container's own cgroup is mounted at the root.
+    """
     available = len(os.sched_getaffinity(0))
     for line in Path("/proc/self/cgroup").read_text().splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            quota_file, parse = Path("/sys/fs/cgroup", path.lstrip("/"), "cpu.max"), str.split
+            mount = Path("/sys/fs/cgroup")
         elif "cpu" in controllers.split(","):
-            base = Path("/sys/fs/cgroup/cpu", path.lstrip("/"))
-            quota_file, parse = base / "cpu.cfs_quota_us", lambda text: [text.strip(), v1_period(base)]
+            mount = Path("/sys/fs/cgroup/cpu")
         else:
             continue
-        with contextlib.suppress(OSError, ValueError):
-            quota, period = parse(quota_file.read_text())
-            if quota not in ("max", "-1"):
-                return max(1, min(available, math.ceil(int(quota) / int(period))))
+        for folder in (mount / path.lstrip("/"), mount):
+            quota = cgroup_cpu_quota(folder)
+            if quota:
+                return max(1, min(available, math.ceil(quota)))
     return available
 
 
-def v1_period(base):
-    return (base / "cpu.cfs_period_us").read_text().strip()
+def cgroup_cpu_quota(folder):
+    """The CPU quota set in one cgroup folder, in CPUs; None where there is none."""
+    with contextlib.suppress(OSError, ValueError):
+        if (folder / "cpu.max").is_file():  # v2: "50000 100000" or "max 100000"
+            quota, period = (folder / "cpu.max").read_text().split()
+        else:  # v1: quota -1 means none
+            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
+            period = (folder / "cpu.cfs_period_us").read_text().strip()
+        if quota not in ("max", "-1"):
+            return int(quota) / int(period)
+    return None
 
 
 def env(name, default):
@@ -773,13 +922,20 @@ def parse_args(argv=None):
     add("--max-connections", type=int, default=int(env("MAX_CONNECTIONS", 1000)),
         help="open connections; beyond this a new one gets 503 (MAX_CONNECTIONS)")
     add("--timeout", type=float, default=float(env("TIMEOUT", 30)),
-        help="seconds a connection may stay silent, and to send a whole body (TIMEOUT)")
+        help="seconds to send a whole request head, and then a whole body; an idle keep-alive "
+             "connection is closed after this too (TIMEOUT)")
+    add("--max-waiting", type=int, default=int(env("MAX_WAITING", 600)),
+        help="requests queued for the model; beyond this a new one gets 503 at once. The default is "
+             "above the ~400 users per pod of the course experiment (MAX_WAITING)")
+    add("--api-token", default=None,
+        help="if set, /api/* needs `Authorization: Bearer <token>` (API_TOKEN; not shown here)")
     add("--drain-timeout", type=float, default=float(env("DRAIN_TIMEOUT", 10)),
         help="seconds to finish in-flight requests after SIGTERM (DRAIN_TIMEOUT)")
     add("--reuse-port", action=argparse.BooleanOptionalAction, default=env_flag("REUSE_PORT"),
         help="SO_REUSEPORT: several processes share the port, the kernel spreads connections (REUSE_PORT=1)")
     config = parser.parse_args(argv)
     config.threads = config.threads or cpu_limit()
+    config.api_token = config.api_token or env("API_TOKEN", "")  # read late: --help must not show it
     return config
 
 
@@ -793,7 +949,7 @@ def main(argv=None):
     threading.Thread(target=server.load_model, name="load-model", daemon=True).start()
     server.serve_forever()
     server.server_close()  # the listener stops accepting; open connections finish
-    drained = server.wait_for_in_flight(config.drain_timeout)
+    drained = server.wait_for_connections(config.drain_timeout)
     log.info("stopped (%s)", "drained" if drained else f"drain timed out after {config.drain_timeout}s")
     return 1 if server.failed else 0
 
