@@ -165,7 +165,9 @@ def main(argv=None):
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # clean up pods as on Ctrl-C
     figures = bench(args)
     figures["targets_met"] = {name: met for name, _, _, met in rows(figures) if met is not None}
-    figures["settings"] = {k: str(v) for k, v in vars(args).items()}
+    # Paths relative to the repository, so the results read the same on any machine.
+    figures["settings"] = {k: os.path.relpath(v, ROOT) if isinstance(v, Path) or str(v).startswith("/") else str(v)
+                           for k, v in vars(args).items()}
     args.out.write_text(json.dumps(figures, indent=2) + "\n")
     print(table(figures))
     print(f"\nwritten to {args.out}")
